@@ -1,0 +1,1 @@
+"""The Agent2028 services, one package each, over services.common."""

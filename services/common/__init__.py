@@ -1,0 +1,1 @@
+"""Shared foundations of every Agent2028 service."""
