@@ -1,0 +1,1 @@
+"""The registry service: agent membership, leases, health and capability lookup."""
