@@ -1,0 +1,1 @@
+"""The consensus service: Byzantine-tolerant voting among agent processes."""
