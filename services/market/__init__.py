@@ -1,0 +1,1 @@
+"""The task market: contract-net auctions over the network."""
