@@ -1,0 +1,1 @@
+"""The orchestrator: tier routing, the event bus and the integration bridge."""
