@@ -1,0 +1,1 @@
+"""The agent2028 command line (typer + rich)."""
