@@ -1,0 +1,1 @@
+"""Benchmarks (make bench): ratios against a bare gRPC echo measured in the same run."""
