@@ -7,10 +7,9 @@ An invariant may record what must survive before the perturbation
 ``check``, polls until it holds within its bound, returning a note for the
 test's output, or None when it does not apply in that state (e.g. the
 registry itself is down). Adding one is a class here and a line in
-INVARIANTS; every perturbation of the manifest then checks it. Services that
-land later bring theirs, e.g. "no acknowledged receipt, vote or task lost"
-(record in ``before``, read back in ``check``) and "decisions still reached
-with f faulty of n".
+INVARIANTS; every perturbation of the manifest then checks it. The services
+bring theirs: no acknowledged vote (ConsensusDecides), receipt (ReceiptsKept)
+or task (TasksKept) lost, and decisions still reached with f faulty of n.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import docker.errors
 
@@ -270,6 +270,108 @@ class ReceiptsKept(Invariant):
         return outcome["note"]
 
 
+class TasksKept(Invariant):
+    """Active once the manifest runs the market. Every task the market
+    acknowledged and the agents completed stays completed, with the same
+    winner, winning bid and output, whatever is restarted or killed (tasks,
+    bids and assignments are durable in the market's volume); and a task
+    listed now is still bid for by the agent containers, auctioned when its
+    window closes, run by its winner and completed, whenever the market and
+    the registry are up."""
+
+    name = "tasks kept"
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, tuple[Any, ...]] = {}
+        self._rounds = 0
+
+    @staticmethod
+    def active(net: Testnet) -> bool:
+        return any(s.name == "market" for s in net.manifest.services)
+
+    @staticmethod
+    def _up(net: Testnet, *services: str) -> bool:
+        return all(net.is_up(net.service_container(name)) for name in services)
+
+    async def before(self, net: Testnet) -> None:
+        if self.active(net) and self._up(net, "market", "registry"):
+            await self._complete_one(net, "before")
+
+    async def check(self, net: Testnet, phase: str) -> str | None:
+        if not (self.active(net) and self._up(net, "market")):
+            return None
+        from clients.market import MarketClient
+
+        address = net.published("market", net.manifest.service("market").port)
+
+        async def kept() -> None:
+            async with MarketClient(address) as client:
+                for task_id, acknowledged in self.tasks.items():
+                    now = await self._summary(client, task_id)
+                    assert now == acknowledged, f"task {task_id} was {acknowledged}, is now {now}"
+
+        await holds_within(net, kept, within_s=60, what=f"completed tasks kept ({phase})")
+        note = f"{len(self.tasks)} kept"
+        if self._up(net, "registry"):
+            note += f"; {await self._complete_one(net, phase)}"
+        return note
+
+    @staticmethod
+    async def _summary(client, task_id: str) -> tuple[Any, ...]:  # type: ignore[no-untyped-def]
+        """What must not change once acknowledged: state, winner, winning
+        bid, output, and every bid of the attempt (read back from storage)."""
+        from clients.market import STATE_NAMES
+
+        task = await client.get_task(task_id)
+        bids = (await client.list_bids(task_id, attempt=task.attempt)).bids
+        return (
+            STATE_NAMES.get(task.state, str(task.state)),
+            task.assigned_agent_id,
+            task.winning_bid.price,
+            task.output,
+            tuple(sorted((b.agent_id, b.price, b.confidence) for b in bids)),
+        )
+
+    async def _complete_one(self, net: Testnet, phase: str) -> str:
+        from agent2028.market.v1 import market_pb2
+        from clients.market import MarketClient
+
+        self._rounds += 1
+        task_id = f"compose-{phase}-{self._rounds}-{secrets.token_hex(3)}"
+        address = net.published("market", net.manifest.service("market").port)
+        outcome: dict[str, str] = {}
+
+        async def completed() -> None:
+            async with MarketClient(address) as client:
+                # One request id for every attempt: a retried listing is
+                # acknowledged once and lists one task.
+                await client.list_task(
+                    "compose.primes",
+                    ["compute"],
+                    task_id=task_id,
+                    capability="compute",
+                    args=["primes", "1000"],
+                    bidding_window_s=1.0,
+                    max_attempts=3,
+                    request_id=task_id,
+                )
+                task = await client.get_task(task_id)
+                assert task.state == market_pb2.TASK_STATE_COMPLETED, (
+                    f"{task_id} is {market_pb2.TaskState.Name(task.state)}"
+                )
+                assert json.loads(task.output)["primes"] == 168, task.output
+                summary = await self._summary(client, task_id)
+            bidders = summary[-1]
+            assert task.assigned_agent_id in {agent for agent, _, _ in bidders}, summary
+            self.tasks[task_id] = summary
+            outcome["note"] = (
+                f"won by {task.assigned_agent_id} of {len(bidders)} bidders and completed"
+            )
+
+        await holds_within(net, completed, within_s=90, what=f"a task completed ({phase})")
+        return outcome["note"]
+
+
 class RegistryReflectsReality(Invariant):
     """Within TTL + grace (plus room for a loaded machine) the registry lists
     exactly the agent containers that are up, each once, passing, at the
@@ -362,6 +464,7 @@ INVARIANTS: list[Invariant] = [
     ServicesServing(),
     ConsensusDecides(),
     ReceiptsKept(),
+    TasksKept(),
     RegistryReflectsReality(),
     AdvertisedAddressesAnswer(),
     AgentsExecute(),
