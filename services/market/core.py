@@ -256,6 +256,7 @@ class Task:
         "attempt",
         "bids",
         "close_wall",
+        "closed_bid_count",
         "deadline",
         "error",
         "excluded",
@@ -281,6 +282,10 @@ class Task:
         self.output = ""
         self.error = ""
         self.relist_request_ids: list[str] = []
+        # How many bids the current attempt had once they left memory (when
+        # it closed, or after a restart for a task no longer open); storage
+        # keeps the bids themselves.
+        self.closed_bid_count = 0
         self.window_close: float | None = None
         self.window_elapsed = False
         self._view: TaskView | None = None
@@ -296,7 +301,7 @@ class Task:
                 attempt=self.attempt,
                 deadline=self.deadline,
                 excluded=tuple(self.excluded),
-                bid_count=len(self.bids),
+                bid_count=len(self.bids) or (self.closed_bid_count if self.state in CLOSED else 0),
                 assignments=tuple(self.assignments),
                 open_wall=self.open_wall,
                 close_wall=self.close_wall,
@@ -792,6 +797,7 @@ class MarketCore:
         task.state = TaskState.OPEN
         task.open_wall = now
         task.bids = {}
+        task.closed_bid_count = 0
         task.window_elapsed = False
         task.window_close = now + task.spec.bidding_window_s if task.spec.bidding_window_s else None
         if task.window_close is not None:
@@ -1339,6 +1345,7 @@ class MarketCore:
 
     def _close(self, task: Task, now: float) -> None:
         task.close_wall = now
+        task.closed_bid_count = len(task.bids) or task.closed_bid_count
         task.bids = {}
         task.window_close = None
         self._open -= 1
@@ -1479,6 +1486,8 @@ class MarketCore:
             task.output = view.output
             task.error = view.error
             task.relist_request_ids = list(view.relist_request_ids)
+            if view.state is not TaskState.OPEN:
+                task.closed_bid_count = view.bid_count
             self._add(task)
             self._sequence = max(self._sequence, view.spec.sequence)
             if view.spec.request_id:

@@ -102,6 +102,8 @@ def _status_json(view: TaskView) -> str:
             "output": view.output,
             "error": view.error,
             "relist_request_ids": list(view.relist_request_ids),
+            # Closed tasks only: their bids are not loaded back into memory.
+            "bid_count": view.bid_count,
         },
         separators=(",", ":"),
     )
@@ -312,7 +314,7 @@ def _view_from_row(row: Iterable[Any]) -> TaskView:
         attempt=status["attempt"],
         deadline=status["deadline"],
         excluded=tuple(status["excluded"]),
-        bid_count=0,
+        bid_count=status.get("bid_count", 0),
         assignments=(),
         open_wall=status["open_wall"],
         close_wall=status["close_wall"],

@@ -568,9 +568,17 @@ async def test_a_restart_keeps_tasks_bids_assignments_and_load(
         await client.run_auction("assigned")
     # The winner's report still verifies with the key it bid with.
     winner = a if before.winning_bid.agent_id == "a" else b
-    assert (await client.complete_task(winner, "assigned", 1, "ok")).task.state == (
-        market_pb2.TASK_STATE_COMPLETED
-    )
+    completed = (await client.complete_task(winner, "assigned", 1, "ok")).task
+    assert completed.state == market_pb2.TASK_STATE_COMPLETED
+    # A closed task's bids leave memory, but it still says how many it had,
+    # after another restart too, and lists them from storage.
+    assert (completed.bid_count, (await client.get_task("assigned")).bid_count) == (2, 2)
+    await market.restart()
+    client = market.client
+    assert client is not None
+    assert (await client.get_task("assigned")).bid_count == 2
+    assert [x.agent_id for x in (await client.list_bids("assigned")).bids] == ["a", "b"]
+    assert (await client.get_task("open")).bid_count == 2
 
 
 async def test_an_agent_leaving_the_registry_fails_its_tasks(
