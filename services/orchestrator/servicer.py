@@ -480,6 +480,9 @@ class OrchestratorApp(ServiceApp):
             raise InvalidArgument(
                 "request_id must not be empty", field="request_id", reason="EMPTY_FIELD"
             )
+        # An id Submit would refuse names no operation: the same
+        # INVALID_ARGUMENT, not NOT_FOUND.
+        check_request_id(request_id)
         pending = self.pending.get(request_id)
         if pending is not None:
             route = ROUTES[pending.kind]

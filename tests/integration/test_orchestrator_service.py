@@ -587,6 +587,9 @@ async def test_bad_input_gets_canonical_codes_naming_the_field(stack: Stack) -> 
     with pytest.raises(errors.NotFound) as missing:
         await o.get_operation("never-ran")
     assert missing.value.field == "request_id"
+    with pytest.raises(errors.InvalidArgument) as malformed:
+        await o.get_operation("no\nsuch id")
+    assert malformed.value.field == "request_id"
     with pytest.raises(errors.InvalidArgument):
         await o.list_operations(page_token="garbage!")
     types = await o.event_types()
