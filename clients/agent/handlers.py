@@ -33,6 +33,13 @@ class HandlerError(Exception):
     """The command ran and failed; the message goes into the receipt."""
 
 
+class InvalidArguments(HandlerError):
+    """The arguments are wrong before anything runs: the caller's mistake,
+    not the agent's. The agent answers INVALID_ARGUMENT (field "args")
+    instead of a receipt, so the cluster does not count it against the
+    agent's trust or reliability."""
+
+
 @dataclass
 class ExecutionContext:
     agent_id: str
@@ -170,7 +177,7 @@ def run_query(path: str, sql: str, deadline: float | None) -> dict[str, Any]:
         except sqlite3.DatabaseError as exc:
             raise HandlerError(f"query failed: {exc}") from None
         except sqlite3.Warning as exc:
-            raise HandlerError(f"query rejected: {exc}") from None
+            raise InvalidArguments(f"query rejected: {exc}") from None
         columns = [d[0] for d in cursor.description or ()]
         return {
             "columns": columns,
@@ -188,7 +195,7 @@ def database_query(db_path: str) -> Handler:
     async def handle(args: list[str], ctx: ExecutionContext) -> Any:
         sql = " ".join(args).strip()
         if not sql:
-            raise HandlerError("database.query needs an SQL statement")
+            raise InvalidArguments("database.query needs an SQL statement")
         return await asyncio.to_thread(run_query, db_path, sql, ctx.deadline)
 
     return handle
@@ -243,15 +250,15 @@ def ml_inference() -> Handler:
 
     async def handle(args: list[str], ctx: ExecutionContext) -> Any:
         if len(args) != 4:
-            raise HandlerError(
+            raise InvalidArguments(
                 "ml.inference needs 4 feature values: sepal_length sepal_width petal_length petal_width"
             )
         try:
             features = np.array([[float(a) for a in args]])
         except ValueError:
-            raise HandlerError("ml.inference features must be numbers") from None
+            raise InvalidArguments("ml.inference features must be numbers") from None
         if not np.isfinite(features).all():
-            raise HandlerError("ml.inference features must be finite")
+            raise InvalidArguments("ml.inference features must be finite")
         probs = model.predict_proba(features)[0]
         best = int(probs.argmax())
         return {
@@ -297,16 +304,16 @@ def _int_arg(args: list[str], i: int, name: str, lo: int, hi: int) -> int:
     try:
         value = int(args[i])
     except (IndexError, ValueError):
-        raise HandlerError(f"{name} must be an integer") from None
+        raise InvalidArguments(f"{name} must be an integer") from None
     if not lo <= value <= hi:
-        raise HandlerError(f"{name} must be within {lo}..{hi}")
+        raise InvalidArguments(f"{name} must be within {lo}..{hi}")
     return value
 
 
 def compute() -> Handler:
     async def handle(args: list[str], ctx: ExecutionContext) -> Any:
         if not args:
-            raise HandlerError(
+            raise InvalidArguments(
                 "compute needs an operation: primes N | fib N | sha256 TEXT [ROUNDS] | matmul N | sum X... | wait MS"
             )
         op, rest = args[0], args[1:]
@@ -318,7 +325,7 @@ def compute() -> Handler:
             return {"op": op, "n": n, "value": str(await asyncio.to_thread(fibonacci, n))}
         if op == "sha256":
             if not rest:
-                raise HandlerError("sha256 needs TEXT")
+                raise InvalidArguments("sha256 needs TEXT")
             rounds = _int_arg(rest, 1, "ROUNDS", 1, LIMITS["sha256_rounds"]) if len(rest) > 1 else 1
 
             def digest() -> str:
@@ -341,7 +348,7 @@ def compute() -> Handler:
             try:
                 values = [float(v) for v in rest]
             except ValueError:
-                raise HandlerError("sum takes numbers") from None
+                raise InvalidArguments("sum takes numbers") from None
             total = math.fsum(values)
             if not math.isfinite(total):
                 raise HandlerError("sum is not finite")
@@ -350,7 +357,7 @@ def compute() -> Handler:
             ms = _int_arg(rest, 0, "MS", 0, LIMITS["wait_ms"])
             await asyncio.sleep(ms / 1000)
             return {"op": op, "waited_ms": ms}
-        raise HandlerError(f"unknown compute operation {op!r}")
+        raise InvalidArguments(f"unknown compute operation {op!r}")
 
     return handle
 

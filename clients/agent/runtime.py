@@ -42,7 +42,13 @@ import uvloop
 from agent2028.agent.v1 import agent_pb2, agent_pb2_grpc
 from agent2028.registry.v1 import registry_pb2
 from clients.agent.faults import FaultPlan
-from clients.agent.handlers import ExecutionContext, Handler, HandlerError, builtin_handlers
+from clients.agent.handlers import (
+    ExecutionContext,
+    Handler,
+    HandlerError,
+    InvalidArguments,
+    builtin_handlers,
+)
 from clients.errors import (
     AlreadyExists,
     Cancelled,
@@ -300,6 +306,10 @@ class Agent:
                 raise HandlerError("fault fail: this agent fails every command")
             result = await handler(args, ctx)
             output = json.dumps(result, default=str)
+        except InvalidArguments as exc:
+            raise InvalidArgument(
+                str(exc)[:MAX_ERROR_LEN], field="args", reason="ARGUMENTS_REFUSED"
+            ) from None
         except HandlerError as exc:
             success, error = False, str(exc)[:MAX_ERROR_LEN]
         except (asyncio.CancelledError, grpc.aio.AbortError):

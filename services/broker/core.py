@@ -23,7 +23,9 @@ Design notes
   DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, NOT_FOUND and FAILED_PRECONDITION
   (the agent cannot run it now), each attempt getting an even share of the
   time left. A receipt whose agent signature does not verify, or that
-  attests to another command, is a failure.
+  attests to another command, is a failure. INVALID_ARGUMENT (the agent
+  refused the caller's arguments before running anything) ends the command
+  without failover and is reported neither to trust nor to the registry.
 - Durability: the receipt and the reports it owes (one trust observation and
   one registry outcome per attempt) are committed in one transaction before
   the call returns. The outbox drains in the background with backoff, so a
@@ -863,16 +865,21 @@ class Outbox:
 # --- the broker ----------------------------------------------------------------------
 
 
+# Answers that are not the agent's fault: it only pushed back (busy), or it
+# refused the caller's malformed arguments before running anything.
+NOT_THE_AGENTS_FAULT = frozenset({"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"})
+
+
 def _outcome_of(record: AttemptRecord, answer: AgentAnswer | None) -> tuple[int, float] | None:
     """The trust outcome (kind, duration_ms) of one attempt; None for an
-    agent that only pushed back (RESOURCE_EXHAUSTED), which is not its fault."""
+    answer that is not the agent's fault (NOT_THE_AGENTS_FAULT)."""
     if record.result == "OK":
         if answer is not None and answer.success:
             return SUCCESS, answer.duration_ms
         return COMPLETE_FAILURE, 0.0
     if record.result in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
         return TIMEOUT, 0.0
-    if record.result == "RESOURCE_EXHAUSTED":
+    if record.result in NOT_THE_AGENTS_FAULT:
         return None
     return COMPLETE_FAILURE, 0.0
 
@@ -1281,6 +1288,8 @@ class Broker:
             success, error = answer.success, answer.error
         elif answer is not None:
             success, error = False, f"{last.result}: {last.error}"
+        elif last.result == "INVALID_ARGUMENT":
+            success, error = False, f"{last.agent_id} refused the arguments: {last.error}"
         else:
             success = False
             error = "no agent answered: " + "; ".join(

@@ -264,13 +264,19 @@ class Bridge:
                 await self._unsettled(task, f"the broker refused to run it: {exc}")
                 return
             receipt = response.receipt
+            last = receipt.attempt_log[-1].result if receipt.attempt_log else ""
+            if last == "INVALID_ARGUMENT":
+                # The winner refused the task's arguments: no retry runs it.
+                await self._unsettled(
+                    task, f"the winner refused the task's arguments: {receipt.error}"
+                )
+                return
             if not receipt.HasField("agent_receipt"):
                 # No agent answered this try, and the broker keeps that
                 # receipt under this id: the next try takes the next id.
                 dispatch += 1
                 await asyncio.sleep(self.retry_s)
                 continue
-            last = receipt.attempt_log[-1].result if receipt.attempt_log else ""
             if last != "OK":
                 await self._unsettled(task, f"the broker found the winner's receipt {last}")
                 return

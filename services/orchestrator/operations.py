@@ -379,7 +379,11 @@ class Runner:
         out.status = Status.SUCCEEDED if r.success else Status.FAILED
         out.message = f"approved ({counts}); {_receipt_text(r)}"
         # The coordinator's own observation of the outcome, as the guide does
-        # after execute_distributed (the broker reports its receipt too).
+        # after execute_distributed (the broker reports its receipt too);
+        # not for arguments the agent refused, which are not its fault.
+        if _refused_arguments(r):
+            result.observation_error = "not observed: the agent refused the arguments"
+            return
         try:
             async with asyncio.timeout(dl.budget(self.call_timeout_s)):
                 await self.trust.observe(
@@ -517,6 +521,10 @@ def _receipt_text(r: broker_pb2.ExecutionReceipt) -> str:
     if r.success:
         return f"{r.agent_id} ran {r.capability} in {r.duration_ms:.1f} ms"
     return f"{r.capability} failed on {r.agent_id}: {r.error}"
+
+
+def _refused_arguments(r: broker_pb2.ExecutionReceipt) -> bool:
+    return bool(r.attempt_log) and r.attempt_log[-1].result == "INVALID_ARGUMENT"
 
 
 def _outcome(r: broker_pb2.ExecutionReceipt) -> Any:

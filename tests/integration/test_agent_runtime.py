@@ -78,10 +78,19 @@ async def test_execute_builtins_with_verifiable_receipts(agents) -> None:  # typ
             "ml.inference", ["6.6", "3.0", "5.6", "2.0"], command_id="c-2", timeout_s=5
         )
         assert json.loads(inference.output)["class"] == "virginica"
+        # Malformed arguments are the caller's mistake: refused before
+        # anything runs, with no receipt to count against the agent.
+        with pytest.raises(errors.InvalidArgument) as refused:
+            await client.execute(
+                "compute", ["primes", "not-a-number"], command_id="c-3", timeout_s=5
+            )
+        assert (refused.value.field, refused.value.reason) == ("args", "ARGUMENTS_REFUSED")
+        assert "integer" in refused.value.message
+        # A command that ran and failed is a signed receipt with success false.
         failed = await client.execute(
-            "compute", ["primes", "not-a-number"], command_id="c-3", timeout_s=5
+            "database.query", ["SELECT * FROM no_such_table"], command_id="c-4", timeout_s=5
         )
-        assert not failed.receipt.success and "integer" in failed.receipt.error
+        assert not failed.receipt.success and "no such table" in failed.receipt.error
         assert verify_receipt(failed, agent.identity.public_key)
         ping = await client.ping(timeout_s=5)
         assert ping.agent_id == "agent-1" and ping.max_concurrency == 8

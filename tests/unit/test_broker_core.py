@@ -373,6 +373,30 @@ async def test_timeouts_and_busy_agents_fail_over_with_bounded_attempts(tmp_path
         assert {p["subject_id"] for t, p in h.reporter.sent if t == "trust"} == {"agent-a"}
 
 
+async def test_refused_arguments_end_the_command_and_count_against_nobody(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An agent answering INVALID_ARGUMENT refused the caller's arguments
+    before running anything: no failover (every agent would refuse them), a
+    failed receipt that says so, and no report to trust or the registry."""
+    pool = [candidate("agent-a"), candidate("agent-b")]
+    async with Harness(str(tmp_path), pool) as h:
+        h.caller.behaviour = {"agent-a": "INVALID_ARGUMENT", "agent-b": "INVALID_ARGUMENT"}
+        receipt, _ = await h.broker.execute(capability="compute", args=["fib", "abc"])
+        assert not receipt.success and receipt.attempts == 1
+        assert len(h.caller.calls) == 1
+        assert [a.result for a in receipt.attempt_log] == ["INVALID_ARGUMENT"]
+        assert "refused the arguments" in receipt.error
+        assert receipt.agent is None and receipt.verify()
+        # A later command that runs is reported; the refusal never was.
+        h.caller.behaviour = {}
+        ok, _ = await h.broker.execute(capability="compute", args=["fib", "10"])
+        assert ok.success
+        await eventually(lambda: len(h.reporter.sent) == 2, what="reports")
+        assert [(t, p.get("subject_id", p.get("agent_id"))) for t, p in h.reporter.sent] == [
+            ("trust", ok.agent_id),
+            ("registry", ok.agent_id),
+        ]
+
+
 async def test_forged_or_mismatched_receipts_are_failures_never_successes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     async with Harness(str(tmp_path), [candidate("agent-a"), candidate("agent-b")]) as h:
         h.caller.behaviour = {"agent-a": "forge"}
