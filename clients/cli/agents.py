@@ -10,6 +10,7 @@ from clients.cli.common import (
     console,
     fail,
     health_text,
+    plural,
     print_json,
     run,
     service_address,
@@ -23,8 +24,13 @@ app = typer.Typer(help="Spawn agent processes and look them up.", no_args_is_hel
 
 
 def agents_table(
-    agents: list[registry_pb2.Agent], scores: list[float] | None = None, score_name: str = "score"
+    agents: list[registry_pb2.Agent], scores: list[float] | None = None, order: str = ""
 ) -> Table:
+    """Agents, and with ``scores`` the registry's score for ``order``. The
+    score of fitness, latency and reliability is that column already, so it
+    is not shown twice; the load order's score (the load ratio) gets its own."""
+    if order != "load":
+        scores = None
     table = Table()
     for column in (
         "agent",
@@ -38,7 +44,7 @@ def agents_table(
     ):
         table.add_column(column)
     if scores is not None:
-        table.add_column(score_name)
+        table.add_column("load ratio")
     for i, a in enumerate(agents):
         row = [
             a.card.agent_id,
@@ -129,7 +135,7 @@ def list_agents(
             print_json([to_dict(a) for a in agents])
         else:
             console.print(agents_table(agents))
-            console.print(f"{len(agents)} agents")
+            console.print(plural(len(agents), "agent"))
 
     run(main())
 
@@ -157,7 +163,8 @@ def find(
         else:
             console.print(agents_table(list(found.agents), list(found.scores), order))
             console.print(
-                f"{len(found.agents)} of {found.total_with_capability} agents holding {capability}"
+                f"{len(found.agents)} of {plural(found.total_with_capability, 'agent')} "
+                f"holding {capability}"
             )
 
     run(main())

@@ -17,7 +17,16 @@ from clients.broker import (
     verify_agent_signature,
     verify_broker_signature,
 )
-from clients.cli.common import console, fail, print_json, run, service_address, to_dict
+from clients.cli.common import (
+    console,
+    fail,
+    parse_duration,
+    plural,
+    print_json,
+    run,
+    service_address,
+    to_dict,
+)
 
 receipts_app = typer.Typer(help="The broker's signed execution receipts.", no_args_is_help=True)
 
@@ -93,7 +102,9 @@ def exec_command(
     request_id: str = typer.Option(
         None, "--request-id", help="makes a retry return the first receipt"
     ),
-    deadline: float = typer.Option(None, "--deadline", help="seconds for the whole execution"),
+    deadline: str = typer.Option(
+        None, "--deadline", help="for the whole execution, e.g. 10s, 500ms or 2m (bare: seconds)"
+    ),
     attempts: int = typer.Option(0, "--attempts", min=0, max=10, help="agents to try at most"),
     as_json: bool = typer.Option(False, "--json"),
     broker: str = typer.Option(None, help="broker address"),
@@ -101,6 +112,7 @@ def exec_command(
     """Run a command on the best agent for CAPABILITY and show its signed receipt.
     Exits 1 when the command failed."""
     key = _strategy(strategy)
+    deadline_s = parse_duration(deadline, "--deadline") if deadline is not None else None
 
     async def main() -> broker_pb2.ExecuteDistributedResponse:
         async with BrokerClient(service_address("broker", broker)) as client:
@@ -110,7 +122,7 @@ def exec_command(
                 args or [],
                 session_id=session,
                 strategy=key,
-                deadline_s=deadline,
+                deadline_s=deadline_s,
                 request_id=request_id,
                 max_attempts=attempts,
             )
@@ -223,7 +235,7 @@ def list_receipts(
                 "✓" if signed else "[red]✗[/red]",
             )
         console.print(table)
-        console.print(f"{len(receipts)} receipts")
+        console.print(plural(len(receipts), "receipt"))
 
     run(main())
 

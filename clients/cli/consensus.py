@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 
@@ -12,7 +11,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent2028.consensus.v1 import consensus_pb2
-from clients.cli.common import console, fail, print_json, run, service_address, to_dict
+from clients.cli.common import (
+    console,
+    fail,
+    parse_duration,
+    plural,
+    print_json,
+    print_json_line,
+    require_reachable,
+    run,
+    service_address,
+    to_dict,
+)
 from clients.consensus import (
     CHOICE_NAMES,
     STATUS_NAMES,
@@ -31,19 +41,6 @@ STATUS_STYLES = {"open": "yellow", "approved": "green", "rejected": "red", "expi
 EVENT_NAMES = {1: "proposed", 2: "vote", 3: "equivocation", 4: "decided"}
 # Exit status of `propose --wait` when the proposal was not approved.
 NOT_APPROVED = 3
-_DURATION = re.compile(r"(?P<value>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)?")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from "10s", "500ms", "2m", "1h" or a plain number of seconds."""
-    match = _DURATION.fullmatch(text.strip())
-    if not match:
-        raise typer.BadParameter(f"{text!r} is not a duration such as 10s, 500ms, 2m or 1h")
-    seconds = float(match["value"]) * _UNITS[match["unit"]]
-    if seconds <= 0:
-        raise typer.BadParameter("the duration must be positive")
-    return seconds
 
 
 def status_text(status: int) -> str:
@@ -96,10 +93,11 @@ def print_decision(p: consensus_pb2.Proposal) -> None:
         console.print(f"  excluded by evidence {evidence_id}")
     problems = certificate_problems(p)
     if problems:
-        console.print("[red]certificate problems:[/red] " + "; ".join(problems))
+        console.print("[red]certificate problems:[/red] " + escape("; ".join(problems)))
     else:
         console.print(
-            f"[green]certificate verifies[/green]: {len(p.certificate.votes)} signed votes "
+            f"[green]certificate verifies[/green]: "
+            f"{plural(len(p.certificate.votes), 'signed vote')} "
             "checked against the keys the electorate was snapshotted with"
         )
 
@@ -136,13 +134,14 @@ def propose(
     voter_ids = [v.strip() for item in voters for v in item.split(",") if v.strip()]
     if bool(capability) == bool(voter_ids):
         fail("give the electorate as --electorate-capability C or as --voters ids (one of them)")
-    period = parse_duration(deadline)
+    period = parse_duration(deadline, "--deadline")
     pid = proposal_id or str(uuid.uuid4())
 
     async def main() -> int:
         async with ConsensusClient(service_address("consensus", consensus)) as client:
             watch = None
             if wait:
+                await require_reachable(client, "consensus")
                 # Subscribed before proposing, so even an instant decision is seen.
                 watch = client.watch(
                     proposal_id=pid, types=[consensus_pb2.EVENT_TYPE_DECIDED], resume=True
@@ -165,13 +164,14 @@ def propose(
                 else:
                     console.print(
                         f"proposed {p.proposal_id}: {escape(p.operation)} to "
-                        f"{p.tally.electorate_size} voters ({STRATEGY_NAMES[p.strategy]}, "
+                        f"{plural(p.tally.electorate_size, 'voter')} "
+                        f"({STRATEGY_NAMES[p.strategy]}, "
                         f"quorum {p.tally.quorum}), voting closes in {period:g}s"
                     )
                 return 0
             if not as_json:
                 console.print(
-                    f"proposed {p.proposal_id} to {p.tally.electorate_size} voters "
+                    f"proposed {p.proposal_id} to {plural(p.tally.electorate_size, 'voter')} "
                     f"(quorum {p.tally.quorum}); waiting for the decision..."
                 )
             try:
@@ -232,7 +232,7 @@ def list_proposals(
                 _when(p.create_time),
             )
         console.print(table)
-        console.print(f"{len(found)} proposals")
+        console.print(plural(len(found), "proposal"))
 
     run(main())
 
@@ -292,10 +292,11 @@ def watch(
 
     async def main() -> None:
         async with ConsensusClient(service_address("consensus", consensus)) as client:
+            await require_reachable(client, "consensus")
             async for response in client.watch(from_index=from_index, proposal_id=proposal_id):
                 for e in response.events:
                     if as_json:
-                        print_json(to_dict(e))
+                        print_json_line(e)
                         continue
                     p = e.proposal
                     what = EVENT_NAMES.get(e.type, str(e.type))
@@ -311,7 +312,7 @@ def watch(
                     else:
                         detail = (
                             f"{escape(p.operation)} by {escape(p.proposer_id)} to "
-                            f"{p.tally.electorate_size} voters"
+                            f"{plural(p.tally.electorate_size, 'voter')}"
                         )
                     console.print(
                         f"[dim]#{e.index}[/dim] [bold]{what}[/bold] {p.proposal_id[:8]} {detail}"
@@ -324,26 +325,41 @@ def watch(
 def check(
     proposal_id: str = typer.Argument(...),
     total: int = typer.Option(0, "--total", "-n", min=0, help="n; 0: the electorate size"),
-    strategy: str = typer.Option("byzantine", "--strategy", "-s", help=", ".join(STRATEGIES)),
+    strategy: str = typer.Option(
+        None,
+        "--strategy",
+        "-s",
+        help=f"{', '.join(STRATEGIES)} (default: the proposal's own strategy)",
+    ),
     as_json: bool = typer.Option(False, "--json"),
     consensus: str = typer.Option(None, help="consensus address"),
 ) -> None:
     """The guide's has_consensus(proposal, n): do the valid approvals meet the quorum?"""
-    try:
-        strategy_value(strategy)
-    except ValueError as exc:
-        fail(str(exc))
+    if strategy is not None:
+        try:
+            strategy_value(strategy)
+        except ValueError as exc:
+            fail(str(exc))
 
     async def main() -> None:
         async with ConsensusClient(service_address("consensus", consensus)) as client:
-            result = await client.has_consensus(proposal_id, total, strategy)
+            p = await client.get_proposal(proposal_id)
+            # n cannot be fewer than the voters already heard from.
+            voted = max(len({v.voter_id for v in p.votes}), p.tally.approvals + p.tally.rejections)
+            if total and total < voted:
+                fail(
+                    f"--total {total} is smaller than the {plural(voted, 'vote')} already "
+                    f"recorded on {proposal_id} ({plural(p.tally.approvals, 'approval')})"
+                )
+            name = strategy or STRATEGY_NAMES.get(p.strategy, "byzantine")
+            result = await client.has_consensus(proposal_id, total, name)
         if as_json:
             print_json(result)
         else:
             console.print(
                 f"{'[green]consensus[/green]' if result.reached else '[red]no consensus[/red]'}: "
-                f"{result.approvals} approvals, {result.quorum} needed of {result.total_agents} "
-                f"({strategy})"
+                f"{plural(result.approvals, 'approval')}, {result.quorum} needed of "
+                f"{result.total_agents} ({STRATEGY_NAMES.get(result.strategy, name)})"
             )
 
     run(main())
@@ -371,6 +387,6 @@ def evidence(
                 f"{CHOICE_NAMES.get(e.conflicting_vote.choice)}; "
                 f"{'reported to trust' if e.reported_to_trust else 'report to trust pending'}"
             )
-        console.print(f"{len(found)} pieces of evidence")
+        console.print(plural(len(found), "piece of evidence", "pieces of evidence"))
 
     run(main())

@@ -6,7 +6,16 @@ import asyncio
 
 import typer
 
-from clients.cli.common import console, fail, print_json, run, service_address
+from clients.cli.common import (
+    console,
+    fail,
+    plural,
+    print_json,
+    print_json_line,
+    require_reachable,
+    run,
+    service_address,
+)
 from clients.cli.heatmap import heatmap
 from clients.cli.signer import load_identity
 from clients.stigmergy import AGGREGATIONS, StigmergyClient, region
@@ -143,7 +152,9 @@ def show(
     aggregation: str = typer.Option("max", help="mean, max or sum per character"),
     linear: bool = typer.Option(False, help="linear colour scale (default: logarithmic)"),
     watch: bool = typer.Option(False, "--watch", "-w", help="keep redrawing as the field changes"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(
+        False, "--json", help="the view as JSON (with --watch: one object per line)"
+    ),
     stigmergy: str = typer.Option(None, help="stigmergy address"),
 ) -> None:
     """Draw a layer as a heatmap in the terminal (y grows upward)."""
@@ -174,9 +185,13 @@ def show(
                 else:
                     draw(view)
                 return
+            await require_reachable(client, "stigmergy")
             async for view in client.watch_field(
                 pheromone_type, area=area, columns=columns, rows=lines, aggregation=aggregation
             ):
+                if as_json:
+                    print_json_line(view)
+                    continue
                 console.clear()
                 draw(view)
                 await asyncio.sleep(0)
@@ -199,7 +214,7 @@ def info(
             return
         console.print(
             f"{field.width} x {field.height} cells, decay {field.decay_rate:g}, diffusion "
-            f"{field.diffusion_rate:g} per tick, {field.ticks} ticks, {field.deposits} deposits"
+            f"{field.diffusion_rate:g} per tick, {plural(field.ticks, 'tick')}, {plural(field.deposits, 'deposit')}"
         )
         for layer in field.layers:
             console.print(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 
 import typer
@@ -10,22 +9,23 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent2028.market.v1 import market_pb2
-from clients.cli.common import console, fail, print_json, run, service_address, to_dict
+from clients.cli.common import (
+    console,
+    fail,
+    parse_duration,
+    plural,
+    print_json,
+    print_json_line,
+    require_reachable,
+    run,
+    service_address,
+    to_dict,
+)
 from clients.market import EVENT_NAMES, EVENT_TYPES, STATE_NAMES, STATES, MarketClient
 
 app = typer.Typer(help="The task market: list tasks, see bids, run auctions.", no_args_is_help=True)
 
 STATE_STYLES = {"open": "cyan", "assigned": "yellow", "completed": "green", "failed": "red"}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str, option: str) -> float:
-    """Seconds from "90", "90s", "5m", "2h" or "1d"."""
-    match = _DURATION.fullmatch(text.strip())
-    if not match:
-        fail(f"{option} {text!r}: expected a duration such as 90, 90s, 5m, 2h or 1d")
-    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def state_text(state: int) -> str:
@@ -45,7 +45,8 @@ def tasks_table(tasks: list[market_pb2.Task]) -> Table:
             escape(", ".join(t.requirements)),
             state_text(t.state),
             str(t.attempt),
-            str(t.bid_count) if t.state == market_pb2.TASK_STATE_OPEN else "",
+            # The market counts a closed task's bids too: shown whatever the state.
+            str(t.bid_count),
             t.assigned_agent_id,
             f"{t.winning_bid.score:.4f}" if t.assigned_agent_id else "",
         )
@@ -128,7 +129,7 @@ def tasks(
             print_json([to_dict(t) for t in found])
         else:
             console.print(tasks_table(found))
-            console.print(f"{len(found)} tasks")
+            console.print(plural(len(found), "task"))
 
     run(main())
 
@@ -190,7 +191,7 @@ def bids(
                 f"{b.score:.4f}",
             )
         console.print(table)
-        console.print(f"{len(found)} bids")
+        console.print(plural(len(found), "bid"))
 
     run(main())
 
@@ -219,7 +220,7 @@ def auction(
         console.print(f"  Est. completion: {w.estimated_completion_seconds:g}s")
         console.print(f"  Confidence: {w.confidence:.2f}")
         console.print(f"  Current load: {w.load} (the market's count)")
-        console.print(f"  Score: {w.score:.4f} of {result.bids_considered} bids")
+        console.print(f"  Score: {w.score:.4f} of {plural(result.bids_considered, 'bid')}")
 
     run(main())
 
@@ -295,10 +296,11 @@ def watch(
 
     async def main() -> None:
         async with MarketClient(service_address("market", market)) as client:
+            await require_reachable(client, "market")
             async for response in client.watch(types=event_type, agent_id=agent):
                 for e in response.events:
                     if as_json:
-                        print_json(e)
+                        print_json_line(e)
                         continue
                     what = EVENT_NAMES.get(e.type, str(e.type))
                     extra = ""

@@ -3,7 +3,6 @@ the cluster through its front door, the orchestrator."""
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -13,8 +12,18 @@ from rich.table import Table
 
 from agent2028.orchestrator.v1 import orchestrator_pb2 as pb
 from clients.cli.broker import STRATEGY_HELP, _strategy, print_receipt
-from clients.cli.common import console, fail, print_json, run, service_address, to_dict
-from clients.cli.market import parse_duration
+from clients.cli.common import (
+    console,
+    fail,
+    parse_duration,
+    plural,
+    print_json,
+    print_json_line,
+    require_reachable,
+    run,
+    service_address,
+    to_dict,
+)
 from clients.cli.signer import load_identity
 from clients.consensus import CHOICE_NAMES, certificate_problems
 from clients.consensus import STRATEGIES as CONSENSUS_STRATEGIES
@@ -94,14 +103,18 @@ def print_operation(op: pb.Operation, duplicate: bool = False) -> None:
             ", ".join(
                 f"{v.voter_id} {CHOICE_NAMES.get(v.choice, '?')}" for v in p.certificate.votes
             )
-            + ("  [green]✓ verifies[/green]" if not problems else f"  [red]{problems}[/red]"),
+            + (
+                "  [green]✓ verifies[/green]"
+                if not problems
+                else f"  [red]{escape('; '.join(problems))}[/red]"
+            ),
         )
         if result.HasField("coordinator_trust"):
             t = result.coordinator_trust
             table.add_row(
                 "trust",
                 f"{t.observer_id} → {t.subject_id}: {t.score:.3f} "
-                f"(confidence {t.confidence:.2f}, {t.observations} observations)",
+                f"(confidence {t.confidence:.2f}, {plural(t.observations, 'observation')})",
             )
         if result.observation_error:
             table.add_row("observation", f"[yellow]{escape(result.observation_error)}[/yellow]")
@@ -109,7 +122,10 @@ def print_operation(op: pb.Operation, duplicate: bool = False) -> None:
         result = op.collective_decision
         table.add_row(
             "tally",
-            ", ".join(f"{t.decision} {t.score:.2f} ({t.votes})" for t in result.pool.tallies)
+            ", ".join(
+                f"{escape(t.decision)} {t.score:.2f} ({plural(t.votes, 'vote')})"
+                for t in result.pool.tallies
+            )
             or "no votes",
         )
         if result.HasField("adopted"):
@@ -470,6 +486,7 @@ def tail(
     async def main() -> None:
         seen = 0
         async with OrchestratorClient(_address(orchestrator)) as client:
+            await require_reachable(client, "orchestrator")
             async for response in client.events(
                 wanted, from_cursor=from_cursor, from_oldest=from_oldest
             ):
@@ -480,7 +497,7 @@ def tail(
                     )
                 for e in response.events:
                     if as_json:
-                        print(json.dumps(to_dict(e)), flush=True)
+                        print_json_line(e)
                     else:
                         console.print(event_line(e))
                     seen += 1

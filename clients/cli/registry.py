@@ -5,7 +5,16 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from clients.cli.common import console, health_text, print_json, run, service_address, to_dict
+from clients.cli.common import (
+    console,
+    health_text,
+    plural,
+    print_json_line,
+    require_reachable,
+    run,
+    service_address,
+    to_dict,
+)
 from clients.registry import RegistryClient
 
 app = typer.Typer(help="The registry's change stream.", no_args_is_help=True)
@@ -26,14 +35,15 @@ def watch(
 
     async def main() -> None:
         async with RegistryClient(service_address("registry", registry)) as client:
+            await require_reachable(client, "registry")
             async for response in client.watch(from_index=from_index, capability=capability):
                 if as_json:
                     for event in response.events:
-                        print_json({**to_dict(event), "snapshot": response.snapshot})
+                        print_json_line({**to_dict(event), "snapshot": response.snapshot})
                     continue
                 if response.snapshot:
                     console.print(
-                        f"[dim]snapshot at index {response.index}: {len(response.events)} agents[/dim]"
+                        f"[dim]snapshot at index {response.index}: {plural(len(response.events), 'agent')}[/dim]"
                     )
                 for event in response.events:
                     a = event.agent

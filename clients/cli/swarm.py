@@ -8,7 +8,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent2028.swarm.v1 import swarm_pb2
-from clients.cli.common import console, fail, print_json, run, service_address, to_dict
+from clients.cli.common import (
+    console,
+    fail,
+    parse_duration,
+    plural,
+    print_json,
+    print_json_line,
+    require_reachable,
+    run,
+    service_address,
+    to_dict,
+)
 from clients.cli.heatmap import bar, flock_picture
 from clients.cli.signer import load_identity
 from clients.swarm import STATUS_NAMES, THRESHOLDS, SwarmClient
@@ -33,16 +44,18 @@ def _print_pool(pool: swarm_pb2.Pool) -> None:
     state = "closed" if pool.closed else f"open until {pool.close_time.ToDatetime():%H:%M:%S} UTC"
     console.print(
         f"[bold]{pool.pool_id}[/bold] {escape(pool.topic)} "
-        f"({THRESHOLD_NAMES.get(pool.threshold, pool.threshold)}, min {pool.min_votes} votes, {state})"
+        f"({THRESHOLD_NAMES.get(pool.threshold, pool.threshold)}, "
+        f"min {plural(pool.min_votes, 'vote')}, {state})"
     )
     decision = pool.decision or "-"
     console.print(
         f"  {_status(pool.status)}: {escape(decision)} with confidence {pool.confidence:.3f} "
-        f"from {pool.vote_count} votes"
+        f"from {plural(pool.vote_count, 'vote')}"
     )
     for tally in pool.tallies:
         console.print(
-            f"    {escape(tally.decision):<16} score {tally.score:.3f} ({tally.votes} votes)"
+            f"    {escape(tally.decision):<16} score {tally.score:.3f} "
+            f"({plural(tally.votes, 'vote')})"
         )
 
 
@@ -53,7 +66,9 @@ def _print_pool(pool: swarm_pb2.Pool) -> None:
 def pool_create(
     topic: str = typer.Argument(..., help="what is decided, e.g. scale_infrastructure"),
     threshold: str = typer.Option("simple", help="simple (> 1/2), super (>= 2/3) or unanimous"),
-    duration: float = typer.Option(3600.0, help="voting window in seconds"),
+    duration: str = typer.Option(
+        "1h", help="voting window, e.g. 90, 30s, 5m, 2h or 1d (a bare number is seconds)"
+    ),
     min_votes: int = typer.Option(0, min=0, help="votes needed before a result counts"),
     request_id: str = typer.Option("", help="makes a retried create return the same pool"),
     as_json: bool = typer.Option(False, "--json"),
@@ -62,13 +77,14 @@ def pool_create(
     """Open a voting pool."""
     if threshold not in THRESHOLDS:
         fail(f"--threshold {threshold!r}: expected one of {', '.join(THRESHOLDS)}")
+    duration_s = parse_duration(duration, "--duration")
 
     async def main() -> None:
         async with SwarmClient(service_address("swarm", swarm)) as client:
             pool = await client.create_pool(
                 topic,
                 threshold=threshold,
-                duration_s=duration,
+                duration_s=duration_s,
                 min_votes=min_votes,
                 request_id=request_id,
             )
@@ -204,15 +220,16 @@ def hive_show(
                 else:
                     _print_hive(state)
                 return
+            await require_reachable(client, "swarm")
             async for response in client.watch_hive():
                 if response.HasField("snapshot"):
                     if as_json:
-                        print_json({"snapshot": to_dict(response.snapshot)})
+                        print_json_line({"snapshot": to_dict(response.snapshot)})
                     else:
                         _print_hive(response.snapshot)
                 for event in response.events:
                     if as_json:
-                        print_json(to_dict(event))
+                        print_json_line(event)
                         continue
                     kind = swarm_pb2.HiveEventKind.Name(event.kind).removeprefix("HIVE_EVENT_KIND_")
                     what = (
@@ -322,7 +339,7 @@ def _world(text: str | None) -> tuple[float, float] | None:
 
 def _print_flock(flock: swarm_pb2.Flock) -> None:
     console.print(
-        f"[bold]{flock.flock_id}[/bold] {flock.boids} boids in {flock.world.width:g} x "
+        f"[bold]{flock.flock_id}[/bold] {plural(flock.boids, 'boid')} in {flock.world.width:g} x "
         f"{flock.world.height:g}, step {flock.steps}, seed {flock.seed}"
     )
     console.print(f"  order {bar(flock.order_parameter)} {flock.order_parameter:.3f}")

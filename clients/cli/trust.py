@@ -7,7 +7,7 @@ import time
 import typer
 from rich.table import Table
 
-from clients.cli.common import console, fail, print_json, run, service_address, to_dict
+from clients.cli.common import console, fail, plural, print_json, run, service_address, to_dict
 from clients.trust import OUTCOMES, TrustClient, outcome
 
 app = typer.Typer(help="Bayesian trust between agents.", no_args_is_help=True)
@@ -55,7 +55,7 @@ def observe(
             dup = " (duplicate request: nothing changed)" if response.duplicate else ""
             console.print(
                 f"{observer} → {subject}: score {s.score:.3f}, confidence {s.confidence:.3f} "
-                f"after {s.observations} observations{dup}"
+                f"after {plural(s.observations, 'observation')}{dup}"
             )
 
     run(main())
@@ -80,7 +80,7 @@ def score(
             console.print(
                 f"{observer} → {subject}: score {s.score:.3f}, confidence {s.confidence:.3f} "
                 f"(evidence +{s.positive_evidence:.2f} / -{s.negative_evidence:.2f}, "
-                f"{s.observations} observations)"
+                f"{plural(s.observations, 'observation')})"
             )
 
     run(main())
@@ -106,7 +106,7 @@ def conservative(
         else:
             console.print(
                 f"{subject}: conservative {c.lower_bound:.3f} (mean {c.mean:.3f}, confidence "
-                f"{c.confidence:.3f}, {c.observers} observers; evidence vouched "
+                f"{c.confidence:.3f}, {plural(c.observers, 'observer')}; evidence vouched "
                 f"{c.vouched_evidence:.2f}, unvouched {c.unvouched_evidence:.2f})"
             )
 
@@ -176,7 +176,7 @@ def decay(
         if as_json:
             print_json(result)
         else:
-            console.print(f"decayed {result.edges_decayed} edges")
+            console.print(f"decayed {plural(result.edges_decayed, 'edge')}")
 
     run(main())
 

@@ -33,6 +33,12 @@ def test_detached_cluster_through_the_cli(tmp_path) -> None:  # type: ignore[no-
     up = cli(state, "cluster", "up", "--detach", "--agents", "3", "--ephemeral-ports")
     try:
         assert up.returncode == 0, up.stderr + up.stdout
+        again = cli(state, "cluster", "up", "--detach", "--agents", "3", "--ephemeral-ports")
+        assert again.returncode == 1 and "Traceback" not in again.stderr
+        assert again.stderr == (
+            f"error: a cluster is already running (state in {state}): "
+            "stop it with `agent2028 cluster down`\n"
+        )
         status = json.loads(cli(state, "cluster", "status", "--json").stdout)
         agents = {"agent-001", "agent-002", "agent-003"}
         assert {p["name"] for p in status} == set(SERVICES) | agents
