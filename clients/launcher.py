@@ -334,18 +334,28 @@ class LocalCluster:
         *,
         prefix: str = "agent",
         start_index: int = 1,
+        pool_votes: Sequence[str] = (),
         **kwargs: object,
     ) -> list[Proc]:
-        """``count`` agents named prefix-001...; agent i holds capabilities[i % len]."""
-        procs = [
-            await self.spawn_agent(
-                f"{prefix}-{i:03d}",
-                capabilities[(i - start_index) % len(capabilities)],
-                wait=False,
-                **kwargs,
-            )  # type: ignore[arg-type]
-            for i in range(start_index, start_index + count)
-        ]
+        """``count`` agents named prefix-001...; agent i holds capabilities[i % len]
+        and, when ``pool_votes`` is given, votes in swarm pools by
+        pool_votes[i % len] (AGENT_POOL_VOTE)."""
+        env = dict(kwargs.pop("env", None) or {})  # type: ignore[call-overload]
+        procs = []
+        for i in range(start_index, start_index + count):
+            n = i - start_index
+            own = dict(env)
+            if pool_votes:
+                own["AGENT_POOL_VOTE"] = pool_votes[n % len(pool_votes)]
+            procs.append(
+                await self.spawn_agent(
+                    f"{prefix}-{i:03d}",
+                    capabilities[n % len(capabilities)],
+                    wait=False,
+                    env=own,
+                    **kwargs,  # type: ignore[arg-type]
+                )
+            )
         for proc in procs:
             ready_file = os.path.join(self.state_dir, "run", f"{proc.name}.ready.json")
             ready = await self._wait_ready_file(

@@ -26,6 +26,9 @@ DEFAULT_MIX = [
     ["compute", "echo"],
     ["database.query", "echo"],
 ]
+# How each agent votes in swarm pools (AGENT_POOL_VOTE), so a CollectiveDecision
+# on a fresh cluster has voters: the guide's 5.1 votes, then two more.
+DEFAULT_POOL_VOTES = ["approve:0.9", "approve:0.85", "reject:0.6", "approve:0.8", "approve:0.7"]
 
 
 def _table(cluster: LocalCluster, health: dict[str, str]) -> Table:
@@ -170,7 +173,7 @@ def up(
         try:
             await cluster.start()
             if agents:
-                await cluster.spawn_agents(agents, DEFAULT_MIX)
+                await cluster.spawn_agents(agents, DEFAULT_MIX, pool_votes=DEFAULT_POOL_VOTES)
         except (LaunchError, TimeoutError) as exc:
             await cluster.stop()
             fail(_launch_error(exc))

@@ -118,6 +118,12 @@ def receipt_to_proto(r: Receipt) -> broker_pb2.ExecutionReceipt:
                 signer_id=a.agent_id, public_key=r.agent_public_key, signature=a.signature
             )
         )
+    elif r.agent_public_key:
+        # No agent answered, but the broker's signature covers the key of the
+        # agent it last tried: carried (with no signature) so it can be checked.
+        out.agent_signature.CopyFrom(
+            common_pb2.Signature(signer_id=r.agent_id, public_key=r.agent_public_key)
+        )
     return out
 
 

@@ -253,6 +253,28 @@ async def test_forged_receipts_are_recorded_as_failures(loop_: Loop) -> None:
     assert after.reliability < before.reliability
 
 
+async def test_refused_arguments_cost_the_agent_nothing(loop_: Loop) -> None:
+    """A typo is the caller's: the agent refuses it before running anything,
+    the receipt says so and still verifies, and trust and the registry hear
+    only of the command that ran."""
+    await loop_.start_agent("calc", ["compute"])
+    before = await loop_.registry.get_agent("calc")
+    refused = (await loop_.broker.execute("compute", ["fib", "abc"])).receipt
+    assert not refused.success and refused.attempts == 1
+    assert [a.result for a in refused.attempt_log] == ["INVALID_ARGUMENT"]
+    assert "refused the arguments" in refused.error and "integer" in refused.error
+    identity = await loop_.broker.identity()
+    assert verify_broker_signature(refused, identity.public_key)
+    assert not verify_agent_signature(refused)  # nothing ran, so nothing signed
+    ran = (await loop_.broker.execute("compute", ["fib", "10"])).receipt
+    assert ran.success
+    await eventually(lambda: reports_delivered(loop_), what="reports delivered")
+    score = await loop_.trust.score("broker", "calc")
+    assert score.observations == 1 and score.negative_evidence == 0
+    after = await loop_.registry.get_agent("calc")
+    assert after.outcomes_observed == before.outcomes_observed + 1
+
+
 async def test_a_retried_request_returns_the_same_receipt(loop_: Loop) -> None:
     agent = await loop_.start_agent("once", ["compute"])
     first = await loop_.broker.execute("compute", ["sum", "4"], request_id="retry-me")
